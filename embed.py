@@ -293,8 +293,10 @@ def main(args: Args) -> dict:
     torch.manual_seed(args.seed)
 
     fmt, pairs = load_pairs(args.dataset, args.split)
+    # A pair with chosen == rejected carries no preference; an empty response has nothing to embed.
+    n_identical = sum(p["chosen"] == p["rejected"] for p in pairs)
     kept = [p for p in pairs if p["chosen"] != p["rejected"] and p["chosen"] and p["rejected"]]
-    n_dropped = len(pairs) - len(kept)
+    n_empty = len(pairs) - n_identical - len(kept)
     if not kept:
         raise UserError(f"all {len(pairs)} pairs have chosen == rejected (or an empty response)")
     train, test = split_pairs(kept, args.n_train, args.n_test, args.seed)
@@ -316,13 +318,13 @@ def main(args: Args) -> dict:
 
     meta = dict(stage="embed", schema=SCHEMA, dataset=args.dataset, format=fmt, model=model_id,
                 pooling=pooling, max_length=args.max_length, seed=args.seed, d=int(e.shape[1]),
-                n_pairs_read=len(pairs), n_dropped_identical=n_dropped,
+                n_pairs_read=len(pairs), n_dropped_identical=n_identical, n_dropped_empty=n_empty,
                 n_train=len(train), n_test=len(test), args=asdict(args))
     data["meta"] = meta
     atomic_save(data, args.out)
     atomic_json(meta, os.path.splitext(args.out)[0] + ".json")
     print(f"embed: {fmt} {args.dataset} -> {args.out}: train {len(train)} / test {len(test)} pairs, "
-          f"d={meta['d']}, {model_id} ({pooling} pooling), dropped {n_dropped} identical")
+          f"d={meta['d']}, {model_id} ({pooling} pooling), dropped {n_identical} identical + {n_empty} empty")
     return meta
 
 

@@ -45,6 +45,7 @@ class Args:
     factor: int = 4  # (original + synthetic pairs) / original pairs; the paper reports 2x, 4x, 8x
     sigma2: float = 0.01  # latent noise variance (paper: 0.01 best)
     candidates: int = 4  # M candidates per source; the k most likely are kept
+    decode: str = "full"  # full: e_hat = g(z + eta) (paper); residual: e_hat = e + g(z + eta) - g(z)
     seed: int = 0
 
 
@@ -70,11 +71,17 @@ def top_k_noise(n: int, d: int, k: int, m: int, sigma2: float, scale: torch.Tens
 
 
 @torch.no_grad()
-def lens_samples(vae: VAE, e: torch.Tensor, k: int, m: int, sigma2: float, gen: torch.Generator) -> torch.Tensor:
+def lens_samples(vae: VAE, e: torch.Tensor, k: int, m: int, sigma2: float, gen: torch.Generator,
+                 decode: str = "full") -> torch.Tensor:
     """e [n, d] standardised -> k synthetic embeddings per row, [n, k, d]: g(mu_phi(e) + eta)."""
     mu, logvar = vae.encode(e)
     eta = top_k_noise(len(e), mu.shape[1], k, m, sigma2, (0.5 * logvar).exp(), gen)
-    return vae.decode(mu.unsqueeze(1) + eta)
+    e_hat = vae.decode(mu.unsqueeze(1) + eta)
+    if decode == "residual":
+        # Deviation (off by default): move the *original* embedding by the decoded latent step,
+        # e + g(z + eta) - g(z), so the detail the VAE cannot reconstruct (eps_rec) is kept.
+        e_hat = e.unsqueeze(1) + e_hat - vae.decode(mu).unsqueeze(1)
+    return e_hat
 
 
 def direct_samples(e: torch.Tensor, k: int, m: int, sigma2: float, gen: torch.Generator) -> torch.Tensor:
@@ -124,6 +131,8 @@ def load_vae(path: str, d: int) -> dict:
 def main(args: Args) -> dict:
     if args.method not in ("lens", "direct", "gaussian"):
         raise UserError(f"--method must be lens, direct or gaussian, got {args.method!r}")
+    if args.decode not in ("full", "residual"):
+        raise UserError(f"--decode must be full or residual, got {args.decode!r}")
     if args.factor < 2 or args.factor > 64:
         raise UserError("--factor must be an integer in [2, 64]")
     if not (args.sigma2 > 0 and math.isfinite(args.sigma2)):
@@ -148,8 +157,8 @@ def main(args: Args) -> dict:
         vae = VAE(**ckpt["model_args"])
         vae.load_state_dict(ckpt["state_dict"])
         vae.eval()
-        syn_c = lens_samples(vae, chosen, k, args.candidates, args.sigma2, gen)
-        syn_r = lens_samples(vae, rejected, k, args.candidates, args.sigma2, gen)
+        syn_c = lens_samples(vae, chosen, k, args.candidates, args.sigma2, gen, args.decode)
+        syn_r = lens_samples(vae, rejected, k, args.candidates, args.sigma2, gen, args.decode)
     elif args.method == "direct":
         syn_c = direct_samples(chosen, k, args.candidates, args.sigma2, gen)
         syn_r = direct_samples(rejected, k, args.candidates, args.sigma2, gen)
@@ -166,7 +175,7 @@ def main(args: Args) -> dict:
         raise UserError("synthesis produced NaN/inf embeddings; check the VAE file")
     # How far the synthetic embeddings moved from their sources (standardised L2), for the reader.
     shift = (syn_c - chosen.unsqueeze(1)).norm(dim=-1).mean().item()
-    meta = dict(stage="synthesize", schema=SCHEMA, method=args.method, factor=args.factor, sigma2=args.sigma2,
+    meta = dict(stage="synthesize", schema=SCHEMA, method=args.method, decode=args.decode, factor=args.factor, sigma2=args.sigma2,
                 candidates=args.candidates, k=k, d=d, n_seed_pairs=n, n_synthetic_pairs=len(parent),
                 embeddings=args.embeddings, vae=args.vae, embedder=data["meta"]["model"],
                 pooling=data["meta"]["pooling"], seed=args.seed)
