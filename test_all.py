@@ -304,6 +304,7 @@ def test_vae_loss_falls_and_metrics_written(tmp_path):
     assert ckpt["meta"]["stage"] == "vae" and ckpt["mean"].shape == (16,)
     assert 0 < m["test"]["r2"] < 1 and m["test"]["eps_rec"] > 0
     assert json.load(open(tmp_path / "v.json"))["test"]["eps_rec"] == pytest.approx(m["test"]["eps_rec"])
+    assert os.path.getsize(tmp_path / "v_curve.png") > 1000
 
 
 def test_divergence_term_separates_pairs(tmp_path):

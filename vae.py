@@ -14,7 +14,7 @@ preference signal that synthesis (stage 3) must preserve:
     python vae.py --gamma 0 --beta 0.5   # no divergence term, a different KL weight
 
 Writes `--out` (default out/vae.pt): {"meta", "model_args", "state_dict", "mean", "std",
-"curve"}; mean/std are the per-dimension standardisation of the train embeddings, which every
+"curve"} and the loss curves as out/vae_curve.png; mean/std are the per-dimension standardisation of the train embeddings, which every
 later stage applies before the encoder and undoes after the decoder. out/vae.json holds the
 metrics, including eps_rec on the held-out embeddings. A few seconds on the demo.
 """
@@ -124,6 +124,24 @@ def reconstruction_error(model: VAE, e: torch.Tensor) -> dict:
             "r2": 1 - err.sum().item() / (e - e.mean(0)).pow(2).sum().item()}
 
 
+def plot_curve(curve: list, path: str):
+    """The three loss terms per epoch, side by side (recon and KL per embedding, W2 per pair)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    for ax, key, title in zip(axes, ("recon", "kl", "w2"), ("reconstruction ||e - g(z)||^2", "KL(q || N(0, I))", "W2(q+, q-)")):
+        ax.plot([c["epoch"] for c in curve], [c[key] for c in curve])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading the previous stage's file, with the checks every stage makes.
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +217,7 @@ def main(args: Args) -> dict:
     with open(os.path.splitext(args.out)[0] + ".json.tmp", "w") as f:
         json.dump({**metrics, "meta": meta, "curve": curve}, f, indent=2)
     os.replace(os.path.splitext(args.out)[0] + ".json.tmp", os.path.splitext(args.out)[0] + ".json")
+    plot_curve(curve, os.path.splitext(args.out)[0] + "_curve.png")
     t = metrics["test"]
     print(f"vae: {metrics['n_params']:,} params, recon {curve[0]['recon']:.1f} -> {curve[-1]['recon']:.1f}, "
           f"KL {curve[-1]['kl']:.2f}, W2 {curve[-1]['w2']:.2f}; held-out eps_rec {t['eps_rec']:.3f} "
