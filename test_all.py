@@ -414,6 +414,7 @@ def test_bad_stage_inputs(tmp_path):
     ("vae.py", ["--gamma", "-1"], "gamma"),
     ("vae.py", ["--d-vae", "0"], "d-vae"),
     ("vae.py", ["--lr", "0"], "lr"),
+    ("vae.py", ["--recon", "l1"], "recon"),
     ("synthesize.py", ["--method", "magic"], "method"),
     ("synthesize.py", ["--factor", "1"], "factor"),
     ("synthesize.py", ["--sigma2", "0"], "sigma2"),

@@ -44,6 +44,7 @@ class Args:
     hidden: int = 64  # one hidden layer; ~0.5M parameters at d=4096, the paper's size
     beta: float = 1.0  # KL weight. Deviation: the paper ablates beta (Fig. 4a) without a value here
     gamma: float = 0.1  # divergence weight (paper: 0.1 best, >= 0.5 degrades)
+    recon: str = "sum"  # sum | mean over dimensions of the squared error; sets the scale beta and gamma act on
     epochs: int = 200
     batch_size: int = 128  # pairs per step
     lr: float = 1e-3
@@ -96,13 +97,17 @@ def w2_diag_gaussians(mu1, logvar1, mu2, logvar2) -> torch.Tensor:
     return ((mu1 - mu2).pow(2).sum(-1) + (s1 - s2).pow(2).sum(-1) + 1e-12).sqrt()
 
 
-def lens_vae_loss(model: VAE, chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float) -> dict:
+def lens_vae_loss(model: VAE, chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float,
+                  recon_reduction: str = "sum") -> dict:
     """The total LENS objective on a batch of standardised pairs, with its parts for logging."""
     rec_c, mu_c, lv_c = model(chosen)
     rec_r, mu_r, lv_r = model(rejected)
     # L_recon = ||e - g(z)||^2, summed over dimensions (a unit-variance Gaussian decoder).
-    # Deviation: squared error on per-dimension standardised embeddings (the paper says only "reconstruction").
+    # Deviation: squared error on per-dimension standardised embeddings (the paper says only
+    # "reconstruction"); "mean" divides it by d, which makes the KL and W2 terms d times stronger.
     recon = (chosen - rec_c).pow(2).sum(-1) + (rejected - rec_r).pow(2).sum(-1)
+    if recon_reduction == "mean":
+        recon = recon / chosen.shape[1]
     kl = kl_to_standard_normal(mu_c, lv_c) + kl_to_standard_normal(mu_r, lv_r)
     w2 = w2_diag_gaussians(mu_c, lv_c, mu_r, lv_r)
     loss = (recon + beta * kl).mean() - gamma * w2.mean()
@@ -167,6 +172,8 @@ def load_embeddings(path: str) -> dict:
 def main(args: Args) -> dict:
     if args.d_vae < 1 or args.hidden < 1 or args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
         raise UserError("--d-vae, --hidden, --epochs, --batch-size must be >= 1 and --lr > 0")
+    if args.recon not in ("sum", "mean"):
+        raise UserError(f"--recon must be sum or mean, got {args.recon!r}")
     if not (args.beta >= 0 and args.gamma >= 0 and math.isfinite(args.beta + args.gamma)):
         raise UserError("--beta and --gamma must be finite and >= 0")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,7 +198,7 @@ def main(args: Args) -> dict:
         sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "w2": 0.0}
         for s in range(0, len(perm), args.batch_size):
             idx = perm[s : s + args.batch_size].to(device)
-            parts = lens_vae_loss(model, chosen[idx], rejected[idx], args.beta, args.gamma)
+            parts = lens_vae_loss(model, chosen[idx], rejected[idx], args.beta, args.gamma, args.recon)
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
             opt.step()
