@@ -270,6 +270,21 @@ def embed_texts(texts: list, tok, model, pooling: str, max_length: int, batch_si
     return torch.stack(out)
 
 
+def load_artifact(path: str, stage: str, hint: str) -> dict:
+    """torch.load a stage's .pt (weights_only=True: plain tensors and primitives, never pickled code)
+    and check that `stage` wrote it, so a file from the wrong stage fails with one clear line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{stage} file not found: {path} ({hint})")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {path} as a .pt file: {str(e).splitlines()[0][:160]}") from None
+    found = obj.get("meta", {}).get("stage") if isinstance(obj, dict) and isinstance(obj.get("meta"), dict) else None
+    if found != stage:
+        raise UserError(f"{path} is not the output of {stage}.py (its stage is {found!r})")
+    return obj
+
+
 def atomic_save(obj, path: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"

@@ -18,7 +18,6 @@ the same standardisation. out/reward.json: {"original": {"test_accuracy_mean",
 "test_accuracy_std", ...}, "augmented": {...}, "difference": {...}}.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -29,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vae import UserError, load_embeddings
+from embed import UserError, atomic_json, atomic_save, load_artifact
+from vae import load_embeddings
 
 SCHEMA = 1
 
@@ -102,15 +102,8 @@ def evaluate(model: RewardModel, chosen, rejected) -> dict:
 
 
 def load_synthetic(path: str, d: int, n_train: int) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"synthetic file not found: {path} (run synthesize.py, or pass --synthetic none)")
-    try:
-        syn = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read {path} as a .pt file: {str(e).splitlines()[0][:160]}") from None
-    meta = syn.get("meta", {}) if isinstance(syn, dict) else {}
-    if meta.get("stage") != "synthesize":
-        raise UserError(f"{path} is not a synthesize.py output (stage={meta.get('stage')!r})")
+    syn = load_artifact(path, "synthesize", "run synthesize.py, or pass --synthetic none")
+    meta = syn["meta"]
     if syn["chosen"].shape[1] != d:
         raise UserError(f"embedding dimension mismatch: synthetic pairs have d={syn['chosen'].shape[1]}, the embeddings d={d}")
     if meta["n_seed_pairs"] != n_train:
@@ -175,13 +168,8 @@ def main(args: Args) -> dict:
                 max_length=data["meta"]["max_length"], dataset=data["meta"]["dataset"], d=d,
                 n_test_pairs=len(test_c), seeds=seeds, args=asdict(args))
     ckpt = {"meta": meta, "model_args": {"d_in": d, "hidden": args.hidden}, "mean": mean, "std": std, "models": models}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save(ckpt, args.out + ".tmp")
-    os.replace(args.out + ".tmp", args.out)
-    js = os.path.splitext(args.out)[0] + ".json"
-    with open(js + ".tmp", "w") as f:
-        json.dump({**results, "meta": meta}, f, indent=2)
-    os.replace(js + ".tmp", js)
+    atomic_save(ckpt, args.out)
+    atomic_json({**results, "meta": meta}, os.path.splitext(args.out)[0] + ".json")
 
     line = " | ".join(f"{arm}: {100 * r['test_accuracy_mean']:.2f} +- {100 * r['test_accuracy_std']:.2f}% "
                       f"({r['n_train_pairs']} pairs)" for arm, r in results.items() if arm != "difference")

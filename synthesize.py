@@ -22,7 +22,6 @@ space, like embed.py's), "parent": long [m] (index of the seed pair), "chosen_is
 synthetic = factor x original. out/synthetic.json holds the counts and the speed.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -31,7 +30,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from vae import VAE, UserError, load_embeddings
+from embed import UserError, atomic_json, atomic_save, load_artifact
+from vae import VAE, load_embeddings
 
 SCHEMA = 1
 
@@ -114,15 +114,7 @@ def pair_up(n: int, k: int, factor: int, gen: torch.Generator) -> tuple:
 
 
 def load_vae(path: str, d: int) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"VAE file not found: {path} (run vae.py first)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read {path} as a .pt file: {str(e).splitlines()[0][:160]}") from None
-    meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
-    if meta.get("stage") != "vae":
-        raise UserError(f"{path} is not a vae.py output (stage={meta.get('stage')!r})")
+    ckpt = load_artifact(path, "vae", "run vae.py first")
     if ckpt["model_args"]["d_in"] != d:
         raise UserError(f"embedding dimension mismatch: the VAE takes d={ckpt['model_args']['d_in']}, the embeddings have d={d}")
     return ckpt
@@ -183,13 +175,8 @@ def main(args: Args) -> dict:
                "mean_shift_from_source_std_space": shift}
     out = {"meta": meta, "chosen": out_c.contiguous(), "rejected": out_r.contiguous(), "parent": parent,
            "chosen_is_synthetic": ci > 0, "rejected_is_synthetic": ri > 0}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save(out, args.out + ".tmp")
-    os.replace(args.out + ".tmp", args.out)
-    js = os.path.splitext(args.out)[0] + ".json"
-    with open(js + ".tmp", "w") as f:
-        json.dump(metrics, f, indent=2)
-    os.replace(js + ".tmp", js)
+    atomic_save(out, args.out)
+    atomic_json(metrics, os.path.splitext(args.out)[0] + ".json")
     print(f"synthesize: {args.method} {args.factor}x, sigma^2={args.sigma2}: {len(parent)} synthetic pairs from {n} seeds "
           f"in {seconds:.3f}s ({metrics['pairs_per_second']:,.0f} pairs/s), mean shift {shift:.2f} -> {args.out}")
     return metrics

@@ -392,9 +392,9 @@ def test_bad_stage_inputs(tmp_path):
     assert_user_error("vae.py", "--embeddings", tmp_path / "nope.pt", "--out", tmp_path / "o.pt", out=str(tmp_path / "o.pt"), match="not found")
     (tmp_path / "junk.pt").write_text("not a torch file")
     assert_user_error("vae.py", "--embeddings", tmp_path / "junk.pt", "--out", tmp_path / "o.pt", out=str(tmp_path / "o.pt"), match="cannot read")
-    assert_user_error("vae.py", "--embeddings", v, "--out", tmp_path / "o.pt", out=str(tmp_path / "o.pt"), match="not an embed.py output")
-    assert_user_error("synthesize.py", "--embeddings", emb, "--vae", emb, "--out", tmp_path / "s.pt", out=str(tmp_path / "s.pt"), match="not a vae.py output")
-    assert_user_error("reward.py", "--embeddings", emb, "--synthetic", v, "--out", tmp_path / "r.pt", out=str(tmp_path / "r.pt"), match="not a synthesize.py output")
+    assert_user_error("vae.py", "--embeddings", v, "--out", tmp_path / "o.pt", out=str(tmp_path / "o.pt"), match="not the output of embed.py")
+    assert_user_error("synthesize.py", "--embeddings", emb, "--vae", emb, "--out", tmp_path / "s.pt", out=str(tmp_path / "s.pt"), match="not the output of vae.py")
+    assert_user_error("reward.py", "--embeddings", emb, "--synthetic", v, "--out", tmp_path / "r.pt", out=str(tmp_path / "r.pt"), match="not the output of synthesize.py")
     # embedding-dimension mismatch between stages
     other = fake_embeddings(tmp_path / "e20.pt", d=20)
     assert_user_error("synthesize.py", "--embeddings", other, "--vae", v, "--out", tmp_path / "s.pt", out=str(tmp_path / "s.pt"), match="dimension mismatch")

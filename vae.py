@@ -19,7 +19,6 @@ later stage applies before the encoder and undoes after the decoder. out/vae.jso
 metrics, including eps_rec on the held-out embeddings. A few seconds on the demo.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -29,11 +28,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from embed import UserError, atomic_json, atomic_save, load_artifact
+
 SCHEMA = 1
-
-
-class UserError(Exception):
-    """A mistake in the user's input: reported as one line on stderr, exit code 2."""
 
 
 @dataclass
@@ -151,15 +148,8 @@ def plot_curve(curve: list, path: str):
 # Loading the previous stage's file, with the checks every stage makes.
 # ---------------------------------------------------------------------------------------------
 def load_embeddings(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"embeddings file not found: {path} (run embed.py first)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read {path} as a .pt file: {str(e).splitlines()[0][:160]}") from None
-    meta = data.get("meta", {}) if isinstance(data, dict) else {}
-    if meta.get("stage") != "embed":
-        raise UserError(f"{path} is not an embed.py output (stage={meta.get('stage')!r})")
+    data = load_artifact(path, "embed", "run embed.py first")
+    meta = data["meta"]
     for split in ("train", "test"):
         c, r = data[split]["chosen"], data[split]["rejected"]
         if c.ndim != 2 or c.shape != r.shape or c.shape[1] != meta["d"]:
@@ -218,12 +208,8 @@ def main(args: Args) -> dict:
     ckpt = {"meta": meta, "model_args": {"d_in": d, "d_vae": args.d_vae, "hidden": args.hidden},
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
             "mean": mean, "std": std, "curve": curve}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save(ckpt, args.out + ".tmp")
-    os.replace(args.out + ".tmp", args.out)
-    with open(os.path.splitext(args.out)[0] + ".json.tmp", "w") as f:
-        json.dump({**metrics, "meta": meta, "curve": curve}, f, indent=2)
-    os.replace(os.path.splitext(args.out)[0] + ".json.tmp", os.path.splitext(args.out)[0] + ".json")
+    atomic_save(ckpt, args.out)
+    atomic_json({**metrics, "meta": meta, "curve": curve}, os.path.splitext(args.out)[0] + ".json")
     plot_curve(curve, os.path.splitext(args.out)[0] + "_curve.png")
     t = metrics["test"]
     print(f"vae: {metrics['n_params']:,} params, recon {curve[0]['recon']:.1f} -> {curve[-1]['recon']:.1f}, "
