@@ -42,7 +42,8 @@ class Args:
     seeds: int = 5  # models per arm; results are mean +- std over these
     seed: int = 0  # first seed; the arms use seed, seed + 1, ...
     hidden: int = 256  # MLP hidden width. Deviation: the paper says only "a small MLP"
-    epochs: int = 20  # passes over each arm's own training set
+    epochs: int = 20  # passes over each arm's own training set (so a bigger arm takes more steps)
+    steps: int = 0  # > 0: exactly this many optimizer steps for every arm instead of --epochs
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-2
@@ -84,7 +85,8 @@ def train_reward_model(chosen, rejected, weight, args: Args, seed: int) -> Rewar
     gen = torch.Generator().manual_seed(seed)
     model = RewardModel(chosen.shape[1], args.hidden)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    for _ in range(args.epochs):
+    steps = args.steps if args.steps > 0 else args.epochs * math.ceil(len(chosen) / args.batch_size)
+    while steps > 0:
         perm = torch.randperm(len(chosen), generator=gen)
         for s in range(0, len(perm), args.batch_size):
             idx = perm[s : s + args.batch_size]
@@ -92,6 +94,9 @@ def train_reward_model(chosen, rejected, weight, args: Args, seed: int) -> Rewar
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            steps -= 1
+            if steps == 0:
+                break
     return model.eval()
 
 
@@ -119,6 +124,8 @@ def mean_std(xs: list) -> tuple:
 
 
 def main(args: Args) -> dict:
+    if args.steps < 0:
+        raise UserError("--steps must be >= 0 (0 = use --epochs)")
     if args.seeds < 1 or args.epochs < 1 or args.hidden < 1 or args.batch_size < 1 or not args.lr > 0:
         raise UserError("--seeds, --epochs, --hidden, --batch-size must be >= 1 and --lr > 0")
     if not (args.synthetic_weight > 0 and math.isfinite(args.synthetic_weight)):

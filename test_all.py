@@ -325,6 +325,15 @@ def test_reward_model_learns_planted_preference(tmp_path):
     assert ckpt["meta"]["embedder"] == "fake" and ckpt["mean"].shape == (12,)
 
 
+def test_reward_steps_flag_equals_the_same_number_of_epoch_steps(tmp_path):
+    emb = fake_embeddings(tmp_path / "e.pt", n_train=100, n_test=50)
+    a = reward.main(reward.Args(embeddings=emb, synthetic="none", out=str(tmp_path / "a.pt"), seeds=1, epochs=3, batch_size=32))
+    # 3 epochs of ceil(100 / 32) = 4 steps each
+    b = reward.main(reward.Args(embeddings=emb, synthetic="none", out=str(tmp_path / "b.pt"), seeds=1, steps=12, batch_size=32))
+    c = reward.main(reward.Args(embeddings=emb, synthetic="none", out=str(tmp_path / "c.pt"), seeds=1, steps=5, batch_size=32))
+    assert a["original"]["runs"] == b["original"]["runs"] and a["original"]["runs"] != c["original"]["runs"]
+
+
 @pytest.mark.parametrize("method", ["lens", "direct", "gaussian"])
 def test_synthesis_shapes_and_parents(tmp_path, method):
     emb = fake_embeddings(tmp_path / "e.pt")
@@ -422,6 +431,7 @@ def test_bad_stage_inputs(tmp_path):
     ("synthesize.py", ["--sigma2", "nan"], "sigma2"),
     ("synthesize.py", ["--factor", "16", "--candidates", "2"], "candidates"),
     ("reward.py", ["--seeds", "0"], "seeds"),
+    ("reward.py", ["--steps", "-1"], "steps"),
     ("reward.py", ["--synthetic-weight", "0"], "synthetic-weight"),
     ("reward.py", ["--epochs", "two"], "epochs"),
 ])
