@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from embed import atomic_json, atomic_save, embed_texts, load_embedder
+from embed import atomic_json, atomic_save, embed_texts, load_artifact, load_embedder
 from reward import RewardModel
 from vae import UserError, load_embeddings
 
@@ -246,17 +246,8 @@ def save_policy(model, tok, path: str):
 # ---------------------------------------------------------------------------------------------
 # Reward models (learned and gold) on embeddings made exactly as embed.py made the RM's data.
 # ---------------------------------------------------------------------------------------------
-def load_reward(path: str, what: str = "reward model") -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"{what} file not found: {path} (run reward.py first)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read {path} as a .pt file: {str(e).splitlines()[0][:160]}") from None
-    meta = ckpt.get("meta", {}) if isinstance(ckpt, dict) else {}
-    if meta.get("stage") != "reward":
-        raise UserError(f"{path} is not a reward.py output (stage={meta.get('stage')!r})")
-    return ckpt
+def load_reward(path: str) -> dict:
+    return load_artifact(path, "reward", "run reward.py first")
 
 
 def check_match(rm: dict, emb_meta: dict, path: str):
@@ -373,7 +364,7 @@ class Gold:
             self.rule = demo_gold()
             self.info["description"] = "data/demo.py gold_score(question, response) on the generated text"
             return
-        self.rm = load_reward(spec, "gold reward model")
+        self.rm = load_reward(spec)
         gm = self.rm["meta"]
         self.same = all(gm.get(k) == rm["meta"].get(k) for k in ("embedder", "pooling", "max_length"))
         self.embedder = embedder if self.same else Embedder(gm, device)

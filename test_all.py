@@ -995,7 +995,7 @@ def test_refuses_one_arm_reward_file_and_non_reward_file(setup, tmp_path):
     torch.save(rm, tmp_path / "reward.pt")
     with pytest.raises(R.UserError, match="both arms"):
         R.main(R.Args(**tiny_args(setup, tmp_path / "out", reward=str(tmp_path / "reward.pt"))))
-    with pytest.raises(R.UserError, match="not a reward.py output"):
+    with pytest.raises(R.UserError, match="not the output of reward.py"):
         R.main(R.Args(**tiny_args(setup, tmp_path / "out", reward=str(setup["root"] / "vae.pt"))))
 
 
