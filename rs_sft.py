@@ -20,7 +20,7 @@ The gold judge is a *proxy* for the paper's gold RM: on the demo data, data/demo
 rule applied to the generated text; on real data, `--gold PATH`, a reward.pt trained on a pool of
 real pairs disjoint from the seed set (its "original" arm, mean over its seeds).
 
-    python rs_sft.py                                    # demo, SmolLM2-135M-Instruct, <= ~10 min on 2 idle cores
+    python rs_sft.py                                    # demo, SmolLM2-135M-Instruct, about 4 min on 2 idle cores
     python rs_sft.py --n-train-prompts 16 --n-fresh 4 --cost-prompts 8        # the README's larger run
     python rs_sft.py --embeddings out/hh/embeddings.pt --reward out/hh/reward.pt --vae out/hh/vae.pt \
         --gold out/hh_gold/reward.pt                    # real data: a gold RM trained on a disjoint pool
