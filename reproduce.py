@@ -53,7 +53,7 @@ import embed
 import reward
 import synthesize
 import vae
-from vae import UserError
+from embed import UserError
 
 DATASETS = {"hh-helpful": "hh-rlhf/helpful-base/test.jsonl.gz",
             "hh-harmless": "hh-rlhf/harmless-base/test.jsonl.gz",
@@ -720,6 +720,6 @@ def main(args: Args) -> dict:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except (UserError, embed.UserError) as e:  # embed.py has its own UserError class
+    except UserError as e:
         print(f"reproduce.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -52,9 +52,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from embed import atomic_json, atomic_save, embed_texts, load_artifact, load_embedder
+from embed import UserError, atomic_json, atomic_save, embed_texts, load_artifact, load_embedder
 from reward import RewardModel
-from vae import UserError, load_embeddings
+from vae import load_embeddings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA = 1

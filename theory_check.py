@@ -55,7 +55,8 @@ import torch
 import embed
 import reward
 from synthesize import lens_samples, pair_up
-from vae import VAE, UserError, lens_vae_loss, load_embeddings
+from embed import UserError
+from vae import VAE, lens_vae_loss, load_embeddings
 
 HH_HELPFUL = "../shared/data/hh-rlhf/helpful-base/test.jsonl.gz"
 PAPER_P = 0.26
